@@ -13,8 +13,8 @@ otherwise. Between two appearances of a sample only the small matrices
 multiply, so the ``K x P`` state is touched for the tracked samples of the
 batch alone: the cost of a step does not grow with K.
 
-``A_t`` and ``c_t`` are not derived by hand: they are read off the rule by a
-``jvp`` of its ``update`` on a one-coordinate probe.
+``A_t`` and ``c_t`` are not derived by hand: they are read off the rule by
+calling its ``update`` on a probe of a few coordinates.
 """
 
 from __future__ import annotations
@@ -24,34 +24,29 @@ import bisect
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
 
-from hypergrad._compat import quiet_forward_ad
 from hypergrad.optim.base import RuleState, UpdateRule
 
 
 def probe_coefficients(rule: UpdateRule, count: int, lr: float, slot_names: list[str]):
-    """``(A, c)`` of the rule's tangent map at one step, as float64 arrays."""
-    quiet_forward_ad()
-    probe = {"w": torch.zeros(1, dtype=torch.float64)}
-    slots = rule.init(probe).slots
+    """``(A, c)`` of the rule's tangent map at one step, as float64 arrays.
+
+    A scalar-linear rule is affine in ``(params, grads, slots)`` with the same
+    coefficients for every coordinate, so one call of ``update`` on a probe
+    of ``m + 3`` coordinates (the origin and one unit vector per input) reads
+    them all off: column ``j`` is the image of unit ``j`` minus the origin's.
+    """
     m = len(slot_names)
-
-    def update(w, g, s):
-        state = RuleState(count, {n: {"w": s[i]} for i, n in enumerate(slot_names)})
-        new_params, new_state = rule.update({"w": g}, state, {"w": w}, lr)
-        outs = [new_params["w"]] + [new_state.slots[n]["w"] for n in slot_names]
-        return torch.cat(outs)
-
-    zero = torch.zeros(1, dtype=torch.float64)
-    primal_slots = torch.cat([slots[n]["w"] for n in slot_names]) if m else zero[:0]
-    basis = torch.eye(m + 2, dtype=torch.float64)
-
-    def column(e):
-        return jvp(update, (zero, zero, primal_slots), (e[:1], e[-1:], e[1:-1]))[1]
-
-    columns = vmap(column)(basis)  # (m + 2, m + 1): row j is the image of e_j
-    matrix = columns.T.numpy()
+    units = torch.eye(m + 2, dtype=torch.float64)
+    probe = torch.cat([units.new_zeros(1, m + 2), units])  # (m + 3, m + 2)
+    slots = {n: {"w": probe[:, 1 + i]} for i, n in enumerate(slot_names)}
+    state = RuleState(count, slots)
+    new_params, new_state = rule.update(
+        {"w": probe[:, -1]}, state, {"w": probe[:, 0]}, lr
+    )
+    outs = [new_params["w"]] + [new_state.slots[n]["w"] for n in slot_names]
+    images = torch.stack(outs)  # (m + 1, m + 3)
+    matrix = (images[:, 1:] - images[:, :1]).numpy()
     return matrix[:, : m + 1].copy(), matrix[:, m + 1].copy()
 
 

@@ -39,6 +39,9 @@ class FunctionalModel:
             trajectory, never updated and carrying no tangent.
         float_buffer_names: Floating-point buffers (BatchNorm running
             statistics, ...), which may carry tangents.
+        rows_independent: False when a layer couples the rows of a batch in
+            train mode (BatchNorm); the Tracker then takes per-sample
+            gradients through the whole batch.
     """
 
     def __init__(self, module: nn.Module):
@@ -55,9 +58,11 @@ class FunctionalModel:
             n for n, b in buffers.items() if b.is_floating_point()
         ]
         self._updates: dict[str, Tensor] | None = None
+        self.rows_independent = True
         for prefix, sub in self.module.named_modules():
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                 sub.forward = types.MethodType(_make_bn_forward(self, prefix), sub)
+                self.rows_independent = False
 
     def initial_params(self) -> Params:
         """Detached copies of the trainable parameters."""

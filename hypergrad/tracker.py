@@ -40,6 +40,11 @@ class Tracker:
         deferred: Use the closed form for approximate tangents of a
             ``scalar_linear`` rule (default: when the rule allows it and the
             mode is ``"approx"``).
+        rows_independent: Whether each row's loss depends on that row alone
+            in train mode, so that per-sample gradients may be taken row by
+            row (approx mode). Default: True unless the model has BatchNorm.
+            Pass False for a model that couples rows in its own code. Random
+            layers are detected at each step and take the batch path.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class Tracker:
         mode: str = "exact",
         chunk_size: int = 16,
         deferred: bool | None = None,
+        rows_independent: bool | None = None,
     ):
         if not isinstance(rule, UpdateRule):
             raise TypeError(
@@ -90,6 +96,9 @@ class Tracker:
         self.state = rule.init(self.params)
         self.step_count = 0
         self.float_buffer_names = self.fmodel.float_buffer_names
+        if rows_independent is None:
+            rows_independent = self.fmodel.rows_independent
+        self.rows_independent = bool(rows_independent)
 
         if deferred is None:
             deferred = rule.scalar_linear and self.mode == "approx"
@@ -184,6 +193,7 @@ class Tracker:
                     self.params,
                     floats,
                     sample_weights[in_batch],
+                    rows_independent=self.rows_independent,
                 )
             if "exact" not in self.modes:
                 losses, new_buffers = approx_losses, approx_buffers
