@@ -77,7 +77,7 @@ def exact_ratio(k: int, batch: int, repeats: int) -> tuple[float, float, float]:
         loss = loss_fn(model(x[b0]), y[b0]).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True)
         for v in vectors:
-            dot = sum((g * u).sum() for g, u in zip(grads, v))
+            dot = sum((g * u).sum() for g, u in zip(grads, v, strict=True))
             torch.autograd.grad(dot, params, retain_graph=True)
 
     t_tracker = median_time(tracked_step, repeats)

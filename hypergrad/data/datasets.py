@@ -263,8 +263,8 @@ def load_cifar10(
     except RuntimeError as error:
         raise ValueError(
             f"load_cifar10: expected intact CIFAR-10 batches in "
-            f"{root / 'cifar-10-batches-py'}, but torchvision says: {error} "
-            "Delete the folder and download it again."
+            f"{root / 'cifar-10-batches-py'}, but torchvision says: "
+            f"{_one_line(error)} Delete the folder and download it again."
         ) from error
     images = torch.from_numpy(np.ascontiguousarray(dataset.data))
     if not channels_last:
@@ -317,8 +317,8 @@ def _extract_once(archive: Path, cache_dir: Path) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         raise ValueError(
             f"load_cifar10_folder: could not extract {archive} into {cache_dir} "
-            f"({error}). If the archive is corrupt or truncated, download it "
-            "again; otherwise check that cache_dir is writable."
+            f"({_one_line(error)}). If the archive is corrupt or truncated, "
+            "download it again; otherwise check that cache_dir is writable."
         ) from error
     (partial / _DONE_MARKER).touch()
 
@@ -370,7 +370,7 @@ def _decode_images(files: list[Path]) -> np.ndarray:
                 pixels = np.asarray(image.convert("RGB"))
         except OSError as error:
             raise ValueError(
-                f"load_cifar10_folder: could not decode {path} ({error}). "
+                f"load_cifar10_folder: could not decode {path} ({_one_line(error)}). "
                 "Delete or replace the file."
             ) from error
         if out is None:
@@ -399,3 +399,8 @@ def _per_channel(
             f"channel), got {len(values)}: {value!r}."
         )
     return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message with its line breaks folded into spaces."""
+    return " ".join(str(error).split())
