@@ -136,6 +136,7 @@ class ReduceOnPlateau:
         mode: ``"min"`` (lower metric is better) or ``"max"``.
         cooldown: Epochs to wait after a reduction before counting again.
         min_lr: Lower bound of the rate.
+        eps: Smallest change of the rate that is applied, as in torch.
     """
 
     def __init__(
@@ -148,6 +149,7 @@ class ReduceOnPlateau:
         mode: str = "min",
         cooldown: int = 0,
         min_lr: float = 0.0,
+        eps: float = 1e-8,
     ):
         where = "hypergrad.schedules.ReduceOnPlateau"
         self.lr = _check_lr(base, where)
@@ -160,7 +162,9 @@ class ReduceOnPlateau:
             )
         self.factor, self.patience, self.threshold = factor, patience, threshold
         self.threshold_mode, self.mode = threshold_mode, mode
-        self.cooldown, self.min_lr = cooldown, min_lr
+        if eps < 0:
+            raise ValueError(f"{where}: expected eps >= 0, got {eps!r}.")
+        self.cooldown, self.min_lr, self.eps = cooldown, min_lr, eps
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_epochs = 0
         self.cooldown_counter = 0
@@ -194,7 +198,9 @@ class ReduceOnPlateau:
             self.cooldown_counter -= 1
             self.num_bad_epochs = 0
         if self.num_bad_epochs > self.patience:
-            self.lr = max(self.lr * self.factor, self.min_lr)
+            new_lr = max(self.lr * self.factor, self.min_lr)
+            if self.lr - new_lr > self.eps:
+                self.lr = new_lr
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
         return self.lr

@@ -223,6 +223,11 @@ def rule_tangents(
         new_params, new_state = rule.update(grads, RuleState(count, slots), params, lr)
         return new_params, new_state.slots
 
+    # An unused parameter's gradient can come back as an expanded zero,
+    # which jvp refuses as a primal: give it its own memory.
+    params, grads, slots = primals
+    primals = (params, {n: g.contiguous() for n, g in grads.items()}, slots)
+
     def one(t_params, t_grads, t_slots):
         return jvp(update, primals, (t_params, t_grads, t_slots))[1]
 

@@ -33,8 +33,10 @@ def _adam_family(lr, betas, eps, weight_decay, decoupled: bool, where: str):
     beta1, beta2 = betas
 
     def init(params: Params) -> RuleState:
-        zeros = {k: v.new_zeros(v.shape) for k, v in params.items()}
-        return RuleState(count=0, slots={"exp_avg": zeros, "exp_avg_sq": dict(zeros)})
+        def zeros():
+            return {k: v.new_zeros(v.shape) for k, v in params.items()}
+
+        return RuleState(count=0, slots={"exp_avg": zeros(), "exp_avg_sq": zeros()})
 
     def update(grads: Params, state: RuleState, params: Params, rate: float):
         t = state.count + 1
