@@ -199,7 +199,9 @@ def load_cifar10_folder(
             f"positive int, got {max_per_class!r}."
         )
     folder = _class_root(_resolve_tree(Path(root), cache_dir), split)
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
@@ -295,7 +297,7 @@ def _resolve_tree(root: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _extract_once(archive: Path, cache_dir: Path) -> Path:
-    """Extracts ``archive`` into ``cache_dir/<archive name>`` unless done before.
+    """Extracts ``archive`` into ``cache_dir/<archive name>``, once.
 
     Extraction goes to a temporary folder that is renamed when complete, so
     an interrupted run never leaves a half tree that looks finished.
@@ -306,6 +308,12 @@ def _extract_once(archive: Path, cache_dir: Path) -> Path:
     target = cache_dir / stem
     if (target / _DONE_MARKER).is_file():
         return target
+    if target.exists():
+        raise ValueError(
+            f"load_cifar10_folder: expected {target} to be absent or an earlier "
+            f"extraction of {archive.name}, found something else there (no "
+            f"{_DONE_MARKER} marker). Remove it or pass another cache_dir."
+        )
 
     partial = cache_dir / f".{stem}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -322,14 +330,13 @@ def _extract_once(archive: Path, cache_dir: Path) -> Path:
         ) from error
     (partial / _DONE_MARKER).touch()
 
-    if target.exists() and not (target / _DONE_MARKER).is_file():
-        shutil.rmtree(target)  # left over from an older, interrupted layout
     try:
         partial.rename(target)
     except OSError:
         if not (target / _DONE_MARKER).is_file():
             raise
-        shutil.rmtree(partial, ignore_errors=True)  # another process won the race
+        # Another process finished the same extraction first.
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

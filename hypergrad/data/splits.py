@@ -59,9 +59,9 @@ class IndexedDataset(Dataset):
 def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
     """Draws disjoint random subsets of ``range(n)`` of the given sizes.
 
-    The same ``n``, ``sizes`` and ``seed`` always give the same splits, on
-    a given PyTorch version (a seeded CPU ``torch.Generator``). The sizes may add up to
-    less than ``n``; the remaining indices are in no split.
+    The same ``n``, ``sizes`` and ``seed`` always give the same splits with
+    a given PyTorch version (a seeded CPU ``torch.Generator``). The sizes
+    may add up to less than ``n``; the remaining indices are in no split.
 
     Args:
         n: Number of samples.

@@ -1,0 +1,5 @@
+import sys
+
+from hypergrad.cli import main
+
+sys.exit(main())
