@@ -140,6 +140,7 @@ def write_report(tracker, sets, split, config, out: Path, logger, device) -> dic
             "params": tracker.params,
             "buffers": tracker.buffers,
             "hypergradients": {m: tracker.hypergradients(m) for m in tracker.modes},
+            "buffer_tangents": {m: tracker.tangents(m)[1] for m in tracker.modes},
             "tracked_positions": tracker.tracked.cpu(),
             "split": split,
             "explained_positions": explained,

@@ -170,6 +170,10 @@ def batch_gradients(
     if rows_independent and rng == _rng_snapshot(batch.inputs.device):
         (grads,) = vjp_fn(losses.new_full((rows,), 1.0 / rows))
         needed = row_weights.any(dim=0).nonzero().squeeze(1)
+        if needed.numel() == 0:  # no tracked sample in this batch
+            k = row_weights.shape[0]
+            row_grads = {n: g.new_zeros((k, *g.shape)) for n, g in grads.items()}
+            return grads, row_grads, new_buffers, losses.detach()
 
         def row_grad(x, y):
             return grad(lambda p: losses_of(p, x[None], y[None])[0].sum())(params)

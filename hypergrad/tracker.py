@@ -303,7 +303,8 @@ class Tracker:
         """
         mode = self._resolve_mode(mode, "Tracker.tangents")
         if mode == "approx" and self._deferred is not None:
-            state = self._deferred.materialize()
+            # A copy: the deferred state is updated in place by later steps.
+            state = self._deferred.materialize().clone()
             params = _unflatten(state[:, 0], self.params)
             slots = {
                 s: _unflatten(state[:, 1 + i], self.state.slots[s])
@@ -325,7 +326,8 @@ class Tracker:
         Positive means up-weighting training sample ``i`` lowers the test loss
         of ``z``: ``i`` helps ``z``. Test losses are taken in eval mode; in
         exact mode the BatchNorm running statistics' tangents are included.
-        Leaving ``i`` out changes the loss of ``z`` by about ``-C(z, i) / N``.
+        Leaving ``i`` out (``sample_weight_i = -1 / N``) changes the loss
+        of ``z`` by about ``+C(z, i) / N``.
 
         Args:
             inputs: ``(n, ...)`` test inputs.
