@@ -211,6 +211,11 @@ class Tracker:
             for tree in (tangent[0], tangent[1], *tangent[2].values()):
                 for name, t in tree.items():
                     _check_finite(t, f"{mode} tangent of {name!r}", where)
+        for name, p in new_primal[0].items():
+            _check_finite(p, f"updated parameter {name!r}", where)
+        for slot, tree in new_primal[2].items():
+            for name, t in tree.items():
+                _check_finite(t, f"optimizer slot {slot!r} of {name!r}", where)
         if self._deferred is not None:
             flat = _flatten(injections)
             _check_finite(flat, "approx tangent", where)

@@ -16,6 +16,8 @@ def check_mode(mode, allowed: tuple[str, ...], where: str) -> str:
 
 
 def _as_index_tensor(values, what: str, where: str) -> Tensor:
+    if not isinstance(values, Tensor) and len(values) == 0:
+        values = torch.zeros(0, dtype=torch.long)  # [] would be float32
     tensor = torch.as_tensor(values)
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(

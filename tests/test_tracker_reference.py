@@ -90,6 +90,11 @@ OPTIMIZERS = {
         ),
         None,
     ),
+    "sgd_dampening": (
+        lambda: hg.optim.sgd(0.1, momentum=0.9, dampening=0.5),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5),
+        None,
+    ),
     "adam": (
         lambda: hg.optim.adam(0.05, weight_decay=0.01),
         lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),
@@ -147,8 +152,15 @@ def test_exact_primal_matches_torch_optim():
     make_rule, make_opt, make_sched = OPTIMIZERS["sgd_momentum_multistep"]
     ref_losses: list[float] = []
 
+    # three chunks per step: the running statistics must still move once
     tracker = hg.Tracker(
-        model, ce_loss, make_rule(), num_train=16, tracked=TRACKED, mode="exact"
+        model,
+        ce_loss,
+        make_rule(),
+        num_train=16,
+        tracked=TRACKED,
+        mode="exact",
+        chunk_size=1,
     )
     losses = [tracker.step(data[0][i], data[1][i], i) for i in batches]
     ref = train_reference(
