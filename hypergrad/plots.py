@@ -20,17 +20,21 @@ def _pyplot():
     return plt
 
 
+def _positive(values) -> np.ndarray:
+    """Values for a log axis: zeros and rounding noise left out (NaN)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(values > 1e-12, values, np.nan)
+
+
 def plot_approximation_error(steps, abs_error, rel_error, cosine, path: Path) -> Path:
     """Error of the approximate hypergradient over training, log scale."""
     plt = _pyplot()
     steps = np.asarray(steps)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].semilogy(steps, np.maximum(abs_error, 1e-30), label="||exact - approx||")
+    axes[0].semilogy(steps, _positive(abs_error), label="||exact - approx||")
     axes[0].set_title("absolute error (mean over tracked samples)")
-    axes[1].semilogy(steps, np.maximum(rel_error, 1e-30), label="relative error")
-    axes[1].semilogy(
-        steps, np.maximum(1 - np.asarray(cosine), 1e-30), label="1 - cosine"
-    )
+    axes[1].semilogy(steps, _positive(rel_error), label="relative error")
+    axes[1].semilogy(steps, _positive(1 - np.asarray(cosine)), label="1 - cosine")
     axes[1].set_title("relative error and 1 - cosine")
     for ax in axes:
         ax.set_xlabel("training step")
