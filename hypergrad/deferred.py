@@ -94,7 +94,16 @@ class DeferredTangents:
         """Brings the given samples' state to step ``through``; returns it."""
         mats = [self._product(int(self.last[r]) + 1, through) for r in rows.tolist()]
         mats = torch.as_tensor(np.stack(mats), dtype=self.state.dtype)
-        return torch.bmm(mats.to(self.state.device), self.state[rows])
+        mats = mats.to(self.state.device)[..., None]  # (k, 1 + m, 1 + m, 1)
+        state = self.state[rows]  # (k, 1 + m, P)
+        # The inner dimension is 1 + m <= 3: sums of scaled rows beat bmm.
+        return torch.stack(
+            [
+                sum(mats[:, i, j] * state[:, j] for j in range(state.shape[1]))
+                for i in range(state.shape[1])
+            ],
+            dim=1,
+        )
 
     def advance(self, count: int, lr: float, rows: Tensor, injections: Tensor):
         """Takes one step.

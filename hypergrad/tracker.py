@@ -201,24 +201,24 @@ class Tracker:
                     grads, self.state, self.params, lr
                 )
                 new_primal = (new_params, None, new_state.slots)
-            _check_finite(losses, "loss", where)
             if self._deferred is None:
                 new_tangents["approx"] = self._approx(
                     count, lr, grads, in_batch, injections
                 )
-        _check_finite(losses, "loss", where)
+        named = {"loss": losses}
         for mode, tangent in new_tangents.items():
             for tree in (tangent[0], tangent[1], *tangent[2].values()):
-                for name, t in tree.items():
-                    _check_finite(t, f"{mode} tangent of {name!r}", where)
-        for name, p in new_primal[0].items():
-            _check_finite(p, f"updated parameter {name!r}", where)
+                named.update((f"{mode} tangent of {n!r}", t) for n, t in tree.items())
+        named.update((f"updated parameter {n!r}", p) for n, p in new_primal[0].items())
         for slot, tree in new_primal[2].items():
-            for name, t in tree.items():
-                _check_finite(t, f"optimizer slot {slot!r} of {name!r}", where)
+            named.update(
+                (f"optimizer slot {slot!r} of {n!r}", t) for n, t in tree.items()
+            )
         if self._deferred is not None:
             flat = _flatten(injections)
-            _check_finite(flat, "approx tangent", where)
+            named["approx tangent"] = flat
+        _check_finite(named, where)
+        if self._deferred is not None:
             self._deferred.advance(count, lr, in_batch, flat)
 
         # commit
@@ -388,13 +388,20 @@ class _RngReplay:
         yield
 
 
-def _check_finite(t: Tensor, what: str, where: str):
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(
-            f"{where}: the {what} is not finite. The Tracker keeps the state of the "
-            "last good step; lower the learning rate or check the inputs of this "
-            "batch."
-        )
+def _check_finite(named: dict[str, Tensor], where: str):
+    """Raises ValueError naming the first tensor with a NaN or an infinity."""
+    tensors = [t for t in named.values() if t.numel()]
+    peaks = torch.stack(torch._foreach_norm(tensors, float("inf"))) if tensors else None
+    if peaks is None or bool(torch.isfinite(peaks).all()):
+        return
+    what = next(
+        n for n, t in named.items() if t.numel() and not torch.isfinite(t).all()
+    )
+    raise ValueError(
+        f"{where}: the {what} is not finite. The Tracker keeps the state of the "
+        "last good step; lower the learning rate or check the inputs of this "
+        "batch."
+    )
 
 
 def _take(tree: Params, rows: Tensor) -> Params:

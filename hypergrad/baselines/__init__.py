@@ -1,0 +1,1 @@
+"""Attribution baselines: influence functions, TracIn, self-loss, random."""

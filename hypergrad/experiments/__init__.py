@@ -1,0 +1,1 @@
+"""The paper's experiments as commands: debug-labels, approx-error, explain."""
