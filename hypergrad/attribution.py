@@ -72,6 +72,7 @@ def top_k(contributions: Tensor, tracked: Tensor, k: int = 5):
         and their contributions ``helpful_values``, ``harmful_values``: the
         largest positive first and the most negative first.
     """
+    tracked = torch.as_tensor(tracked)
     if contributions.dim() != 2 or contributions.shape[1] != len(tracked):
         raise ValueError(
             f"top_k: expected contributions of shape (n_test, {len(tracked)}), got "

@@ -37,7 +37,11 @@ def _run_parser(sub):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out")
     p.add_argument("--wandb", choices=("offline", "online", "disabled"))
-    p.add_argument("--explain", type=int, help="misclassified test points explained")
+    p.add_argument(
+        "--explain",
+        type=int,
+        help="misclassified test points explained (plus at least 3 correct ones)",
+    )
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -67,7 +71,7 @@ def config_from_args(args) -> job.RunConfig:
         if given is not None:
             values[field.name] = tuple(given) if field.name == "milestones" else given
     if args.command == "demo":
-        values.update(dataset="digits", model="cnn", mode="both", track=48, epochs=12)
+        values.update(dataset="digits", model="cnn", mode="both", track=32, epochs=8)
         values.setdefault("wandb", "offline")
     return job.RunConfig(**values)
 
@@ -77,8 +81,10 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     try:
         summary = job.run(config, progress=not args.no_progress)
-    except job.JobError as error:
-        print(f"hypergrad: error: {error}", file=sys.stderr)
+    except (job.JobError, ValueError) as error:
+        # hypergrad's own ValueErrors say what was wrong and how to fix it.
+        message = " ".join(str(error).split())
+        print(f"hypergrad: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

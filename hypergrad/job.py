@@ -36,6 +36,7 @@ from hypergrad.jobsetup import (  # noqa: F401 - re-exported for the CLI
     make_rule,
     make_splits,
     tracked_memory_bytes,
+    validate_config,
 )
 
 
@@ -99,8 +100,9 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
     Returns the summary (also written to ``summary.json``).
     """
     from hypergrad.integrations.wandb import WandbLogger
-    from hypergrad.report import write_report
+    from hypergrad.report import save_state, write_report
 
+    validate_config(config)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     pool_x, pool_y, test_x, test_y = load_data(config)
@@ -141,56 +143,31 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
     }
     _write_json(out / "summary.json", summary)
 
-    tracker = hg.Tracker(
-        model,
-        loss_fn,
-        rule,
-        num_train=num_train,
-        tracked=tracked,
-        mode=config.mode,
-        chunk_size=config.chunk_size,
-    )
-    logger = WandbLogger(
-        out, mode=config.wandb, name=out.name, config=dataclasses.asdict(config)
-    )
-    curve = (
-        _Csv(
-            out / "approximation_error.csv",
-            ["step", "abs_error", "rel_error", "cosine"],
-        )
-        if config.mode == "both"
-        else None
-    )
-    total_steps = steps_per_epoch * config.epochs
-    bar = _progress(total_steps, progress)
-    start = time.perf_counter()
+    tracker, logger, curve, bar = None, None, None, None
     try:
-        for _epoch, order in _batches(
-            num_train, config.batch_size, config.epochs, config.seed
-        ):
-            epoch_loss = 0.0
-            for b in order:
-                lr = float(rule.lr(tracker.state.count))
-                loss = tracker.step(train_x[b], train_y[b], b)
-                epoch_loss += loss * len(b)
-                step = tracker.step_count - 1
-                logger.log_step(step, loss=loss, lr=lr)
-                if curve is not None:
-                    err = hg.approximation_error(tracker)
-                    curve.row(step, err["abs_error"], err["rel_error"], err["cosine"])
-                    logger.log_approximation_error(step, **err)
-                bar.update(loss, lr)
-            if isinstance(schedule, hg.schedules.ReduceOnPlateau):
-                val_x, val_y = sets["val"]
-                metric = epoch_loss / num_train + _mean_loss(
-                    tracker, val_x, val_y, device
-                )
-                schedule.step(metric)
+        tracker = hg.Tracker(
+            model,
+            loss_fn,
+            rule,
+            num_train=num_train,
+            tracked=tracked,
+            mode=config.mode,
+            chunk_size=config.chunk_size,
+        )
+        logger = WandbLogger(
+            out, mode=config.wandb, name=out.name, config=dataclasses.asdict(config)
+        )
+        if config.mode == "both":
+            columns = ["step", "abs_error", "rel_error", "cosine"]
+            curve = _Csv(out / "approximation_error.csv", columns)
+        bar = _progress(steps_per_epoch * config.epochs, progress)
+        start = time.perf_counter()
+        _train(tracker, rule, schedule, sets, config, logger, curve, bar, device)
         summary["train_seconds_tracked"] = time.perf_counter() - start
         bar.close()
         summary["steps"] = tracker.step_count
         summary["train_seconds_plain"] = _plain_training_seconds(
-            config, model, sets["train"], steps_per_epoch, device
+            config, model, sets["train"], device
         )
         summary.update(write_report(tracker, sets, split, config, out, logger, device))
         summary["status"] = "finished"
@@ -199,15 +176,50 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
         )
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
-        summary["steps"] = tracker.step_count
+        raise
+    except BaseException as error:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(error).__name__}: {error}"
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if curve is not None:
             curve.close()
+        if tracker is not None:
+            summary["steps"] = tracker.step_count
+            if summary["status"] != "finished" and tracker.step_count:
+                # Nothing computed is lost: the weights and hypergradients so far.
+                save_state(tracker, split, out / "state.pt")
         _write_json(out / "summary.json", summary)
-        logger.finish(exit_code=0 if summary["status"] == "finished" else 1)
+        if logger is not None:
+            logger.finish(exit_code=0 if summary["status"] == "finished" else 1)
     return summary
+
+
+def _train(tracker, rule, schedule, sets, config, logger, curve, bar, device):
+    """The training loop: steps, per-step logs, the plateau rule per epoch."""
+    train_x, train_y = sets["train"]
+    num_train = len(train_x)
+    for _epoch, order in _batches(
+        num_train, config.batch_size, config.epochs, config.seed
+    ):
+        epoch_loss = 0.0
+        for b in order:
+            lr = float(rule.lr(tracker.state.count))
+            loss = tracker.step(train_x[b], train_y[b], b)
+            epoch_loss += loss * len(b)
+            step = tracker.step_count - 1
+            logger.log_step(step, loss=loss, lr=lr)
+            if curve is not None:
+                err = hg.approximation_error(tracker)
+                curve.row(step, err["abs_error"], err["rel_error"], err["cosine"])
+                logger.log_approximation_error(step, **err)
+            bar.update(loss, lr)
+        if isinstance(schedule, hg.schedules.ReduceOnPlateau):
+            val_x, val_y = sets["val"]
+            val_loss = _mean_loss(tracker, val_x, val_y, device)
+            schedule.step(epoch_loss / num_train + val_loss)
 
 
 def _mean_loss(tracker, x, y, device) -> float:
@@ -218,7 +230,7 @@ def _mean_loss(tracker, x, y, device) -> float:
         return float(loss_fn(model(x.to(device)), y.to(device)).mean())
 
 
-def _plain_training_seconds(config, model, train_set, steps_per_epoch, device) -> float:
+def _plain_training_seconds(config, model, train_set, device) -> float:
     """Wall time of the same training with torch.optim and no tracking."""
     net = copy.deepcopy(model).train()
     if config.optimizer == "sgd":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -111,6 +112,31 @@ DEFAULT_SIZES = {
 }
 
 
+def validate_config(config: RunConfig) -> None:
+    """Raises JobError for settings no run can use, before any work is done."""
+    positive = {
+        "--epochs": config.epochs,
+        "--batch-size": config.batch_size,
+        "--chunk-size": config.chunk_size,
+        "--top-k": config.top_k,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            raise JobError(f"expected {flag} >= 1, got {value}")
+    if config.explain < 0:
+        raise JobError(f"expected --explain >= 0, got {config.explain}")
+    if not math.isfinite(config.lr) or config.lr <= 0:
+        raise JobError(f"expected a finite --lr > 0, got {config.lr}")
+    if not 0 < config.gamma <= 1:
+        raise JobError(f"expected --gamma in (0, 1], got {config.gamma}")
+    if any(m < 0 for m in config.milestones):
+        raise JobError(f"expected --milestones >= 0, got {list(config.milestones)}")
+    if config.weight_decay < 0:
+        raise JobError(f"expected --weight-decay >= 0, got {config.weight_decay}")
+    if not 0 <= config.momentum < 1:
+        raise JobError(f"expected --momentum in [0, 1), got {config.momentum}")
+
+
 def loss_fn(outputs, targets):
     return F.cross_entropy(outputs, targets, reduction="none")
 
@@ -147,15 +173,21 @@ def load_data(config: RunConfig):
             tx, ty = hgdata.load_mnist(root, train=False, kind=name)
             mean, std = hgdata.MNIST_MEAN, hgdata.MNIST_STD
         else:
-            x, y, tx, ty = _load_cifar(root)
+            x, y, tx, ty = _load_cifar(root, Path(config.out) / "cache")
             mean, std = hgdata.CIFAR10_MEAN, hgdata.CIFAR10_STD
     except (FileNotFoundError, ValueError) as error:
         raise JobError(str(error).splitlines()[0]) from error
     norm = hgdata.normalize
-    return norm(x, mean, std), y, norm(tx, mean, std), ty
+    test = (norm(tx, mean, std), ty) if tx is not None else (None, None)
+    return norm(x, mean, std), y, *test
 
 
-def _load_cifar(root: Path):
+def _load_cifar(root: Path, cache: Path):
+    archives = [root] if root.is_file() else sorted(root.glob("*.tar.gz"))
+    if archives and not (root / "test").is_dir():
+        # An archive of class folders (e.g. test/<class>/*.jpg): the test set.
+        tx, ty = hgdata.load_cifar10_folder(archives[0], cache_dir=cache)
+        return tx, ty, None, None
     if (root / "cifar-10-batches-py").is_dir() or root.name == "cifar-10-batches-py":
         x, y = hgdata.load_cifar10(root, train=True)
         tx, ty = hgdata.load_cifar10(root, train=False)
@@ -308,8 +340,14 @@ def choose_tracked(config: RunConfig, num_train: int) -> torch.Tensor:
     if config.track_indices:
         path = Path(config.track_indices)
         if not path.is_file():
-            raise JobError(f"--track-indices file {path} does not exist")
-        text = path.read_text().replace(",", " ").split()
+            raise JobError(f"--track-indices {path} is not a file")
+        try:
+            text = path.read_text().replace(",", " ").split()
+        except UnicodeDecodeError as error:
+            raise JobError(
+                f"--track-indices file {path} is not text; expected integers "
+                "separated by spaces, commas or new lines"
+            ) from error
         try:
             values = [int(v) for v in text]
         except ValueError as error:

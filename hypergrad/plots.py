@@ -60,7 +60,7 @@ def _show(ax, image, title: str):
     ax.set_yticks([])
 
 
-def plot_influencers(rows: list[dict], path: Path, k: int) -> Path:
+def plot_influencers(rows: list[dict], path: Path, k: int, mode: str = "") -> Path:
     """One row per test image: the image, then its top helpful and harmful.
 
     Args:
@@ -98,9 +98,8 @@ def plot_influencers(rows: list[dict], path: Path, k: int) -> Path:
                     )
                 else:
                     ax.axis("off")
-    fig.suptitle(
-        "test image | most helpful (+) | most harmful (-) training images", fontsize=9
-    )
+    title = "test image | most helpful (+) | most harmful (-) training images"
+    fig.suptitle(title + (f" ({mode} mode)" if mode else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

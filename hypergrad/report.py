@@ -131,23 +131,30 @@ def write_report(tracker, sets, split, config, out: Path, logger, device) -> dic
             top_k=k,
             test_name=f"test_{int(test_source[r])}",
         )
-    plot = plot_influencers(rows, out / "influencers.png", k)
+    plot = plot_influencers(rows, out / "influencers.png", k, mode)
     logger.log_image("plots/influencers", plot)
     logger.log_histogram("influence/contributions", table)
 
-    torch.save(
-        {
-            "params": tracker.params,
-            "buffers": tracker.buffers,
-            "hypergradients": {m: tracker.hypergradients(m) for m in tracker.modes},
-            "buffer_tangents": {m: tracker.tangents(m)[1] for m in tracker.modes},
-            "tracked_positions": tracker.tracked.cpu(),
-            "split": split,
-            "explained_positions": explained,
-        },
-        out / "state.pt",
-    )
+    save_state(tracker, split, out / "state.pt", explained)
     return results
+
+
+def save_state(tracker, split, path: Path, explained=None) -> None:
+    """Trained weights and hypergradients, enough to rebuild contributions."""
+    state = {
+        "params": tracker.params,
+        "buffers": tracker.buffers,
+        "hypergradients": {m: tracker.hypergradients(m) for m in tracker.modes},
+        "buffer_tangents": {m: tracker.tangents(m)[1] for m in tracker.modes},
+        "tracked_positions": tracker.tracked.cpu(),
+        "steps": tracker.step_count,
+        "split": split,
+    }
+    if explained is not None:
+        state["explained_positions"] = explained
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def _read_curve(path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 from einops import rearrange
@@ -13,7 +14,12 @@ from hypergrad.deferred import DeferredTangents
 from hypergrad.functional import FunctionalModel, Params
 from hypergrad.optim.base import RuleState, UpdateRule
 from hypergrad.step import Batch, LossFn, batch_gradients, exact_tangents, rule_tangents
-from hypergrad.validation import check_batch, check_mode, check_tracked
+from hypergrad.validation import (
+    check_batch,
+    check_mode,
+    check_test_points,
+    check_tracked,
+)
 
 MODES = ("exact", "approx", "both")
 
@@ -67,12 +73,12 @@ class Tracker:
             )
         if not callable(loss_fn):
             raise TypeError(f"Tracker: expected a callable loss_fn, got {loss_fn!r}.")
-        if (
-            isinstance(num_train, bool)
-            or not isinstance(num_train, int)
-            or num_train < 1
-        ):
+        whole = isinstance(num_train, numbers.Integral) and not isinstance(
+            num_train, bool
+        )
+        if not whole or num_train < 1:
             raise ValueError(f"Tracker: expected num_train >= 1, got {num_train!r}.")
+        num_train = int(num_train)
         if (
             isinstance(chunk_size, bool)
             or not isinstance(chunk_size, int)
@@ -346,6 +352,7 @@ class Tracker:
         from hypergrad.attribution import contributions
 
         mode = self._resolve_mode(mode, "Tracker.contributions")
+        check_test_points(inputs, targets, "Tracker.contributions")
         t_params, t_buffers, _ = self.tangents(mode)
         return contributions(
             self.fmodel,

@@ -81,3 +81,22 @@ def check_batch(inputs, targets, indices, num_train: int, where: str) -> Tensor:
         raise ValueError(f"{where}: expected a non-empty batch, got 0 rows.")
     _check_range(tensor, num_train, "batch indices", where)
     return tensor
+
+
+def check_test_points(inputs, targets, where: str) -> None:
+    """Test inputs and targets: tensors with the same non-zero number of rows."""
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError(
+            f"{where}: expected inputs and targets as tensors, got "
+            f"{type(inputs).__name__} and {type(targets).__name__}. Convert with "
+            "torch.as_tensor."
+        )
+    if inputs.dim() == 0 or targets.dim() == 0 or len(inputs) != len(targets):
+        raise ValueError(
+            f"{where}: expected a batch of test points, inputs (n, ...) and "
+            f"targets (n, ...) with the same n, got shapes {tuple(inputs.shape)} "
+            f"and {tuple(targets.shape)}. Add a leading dimension for one point: "
+            "x[None], y[None]."
+        )
+    if len(inputs) == 0:
+        raise ValueError(f"{where}: expected at least one test point, got none.")
