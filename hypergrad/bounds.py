@@ -146,7 +146,7 @@ def theorem1_bound(
     lr: float,
     weight_decay: float,
 ) -> float:
-    """``L M_w eta_1 / (eta_t lambda)``; infinite when ``lambda`` or ``eta_t`` is 0.
+    """``L M_w eta_1 / (eta_t lambda)``; infinite for ``lambda`` or ``eta_t`` 0.
 
     Args:
         hessian_norm: ``L``, a bound on the batch Hessians' spectral norm.
@@ -204,7 +204,7 @@ class Theorem1:
         self._generator = torch.Generator().manual_seed(seed)
 
     def observe_hessian(self, loss: ScalarFn, params: Params) -> float:
-        """Estimates the dominant eigenvalue of ``loss``'s Hessian; returns it."""
+        """Estimates the top eigenvalue of ``loss``'s Hessian; returns it."""
         value, self._vector = top_hessian_eigenvalue(
             loss,
             params,
@@ -217,20 +217,20 @@ class Theorem1:
         return value
 
     def observe_tangents(self, hypergradients: Params) -> Tensor:
-        """Takes the exact hypergradients ``(K, *shape)``; returns ``(K,)`` norms."""
+        """Takes exact hypergradients ``(K, *shape)``; returns their norms."""
         norms = row_norms(hypergradients)
         self.tangent_norm = max(self.tangent_norm, float(norms.max()))
         return norms
 
     def bound(self, lr: float) -> float:
-        """The bound at a step run with rate ``lr``, from the estimates so far."""
+        """The bound at a step with rate ``lr``, from the estimates so far."""
         return theorem1_bound(
             self.hessian_norm, self.tangent_norm, self.first_lr, lr, self.weight_decay
         )
 
 
 def row_norms(tree: Params) -> Tensor:
-    """Norms of the rows of a batched tree ``(K, *shape)``, all leaves: ``(K,)``."""
+    """Row norms ``(K,)`` of a batched tree ``(K, *shape)``, all leaves."""
     squares = [t.reshape(t.shape[0], -1).pow(2).sum(1) for t in tree.values()]
     return torch.stack(squares).sum(0).sqrt()
 
