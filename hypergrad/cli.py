@@ -8,6 +8,14 @@ import sys
 from pathlib import Path
 
 from hypergrad import job
+from hypergrad.experiments import approx_error, debug_labels, explain
+
+# The paper's experiments, each a module with add_parser(subparsers) and main(args).
+EXPERIMENTS = {
+    "debug-labels": debug_labels,
+    "approx-error": approx_error,
+    "explain": explain,
+}
 
 
 def _run_parser(sub):
@@ -59,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--no-progress", action="store_true")
     _run_parser(sub)
+    for module in EXPERIMENTS.values():
+        module.add_parser(sub)
     return parser
 
 
@@ -78,8 +88,12 @@ def config_from_args(args) -> job.RunConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    out = getattr(args, "out", None)
     try:
+        if args.command in EXPERIMENTS:
+            return EXPERIMENTS[args.command].main(args)
+        config = config_from_args(args)
+        out = config.out
         summary = job.run(config, progress=not args.no_progress)
     except (job.JobError, ValueError) as error:
         # hypergrad's own ValueErrors say what was wrong and how to fix it.
@@ -87,10 +101,8 @@ def main(argv=None) -> int:
         print(f"hypergrad: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"hypergrad: interrupted; what was written is in {config.out}",
-            file=sys.stderr,
-        )
+        where = f"; what was written is in {out}" if out else ""
+        print(f"hypergrad: interrupted{where}", file=sys.stderr)
         return 130
     _print_summary(summary, Path(config.out))
     return 0
