@@ -181,7 +181,8 @@ def batch_gradients(
         per_row = vmap(row_grad)(batch.inputs[needed], batch.targets[needed])
         weights = row_weights[:, needed] / rows
         row_grads = {
-            n: torch.einsum("kr,r...->k...", weights, g) for n, g in per_row.items()
+            n: (weights @ g.flatten(1)).reshape(-1, *g.shape[1:])
+            for n, g in per_row.items()
         }
         return grads, row_grads, new_buffers, losses.detach()
     mean_row = losses.new_ones(1, rows)
