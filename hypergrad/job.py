@@ -103,6 +103,8 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
     from hypergrad.report import save_state, write_report
 
     validate_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     pool_x, pool_y, test_x, test_y = load_data(config)

@@ -53,6 +53,7 @@ class RunConfig:
     explain: int = 8
     top_k: int = 5
     chunk_size: int = 16
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
 
 # The supplement's Table 3 (DESIGN section 6).
@@ -123,6 +124,8 @@ def validate_config(config: RunConfig) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise JobError(f"expected {flag} >= 1, got {value}")
+    if config.threads < 0:
+        raise JobError(f"expected --threads >= 0, got {config.threads}")
     if config.explain < 0:
         raise JobError(f"expected --explain >= 0, got {config.explain}")
     if not math.isfinite(config.lr) or config.lr <= 0:
