@@ -118,8 +118,12 @@ def approx_ratio(k: int, num_train: int, batch: int, repeats: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     ratio, t, ref = exact_ratio(k=16, batch=64, repeats=args.repeats)
     print(
