@@ -125,7 +125,7 @@ def validate_config(config: RunConfig) -> None:
         if value < 1:
             raise JobError(f"expected {flag} >= 1, got {value}")
     if config.threads < 0:
-        raise JobError(f"expected --threads >= 0, got {config.threads}")
+        raise JobError(f"--threads must be >= 0, got {config.threads}")
     if config.explain < 0:
         raise JobError(f"expected --explain >= 0, got {config.explain}")
     if not math.isfinite(config.lr) or config.lr <= 0:
