@@ -392,6 +392,41 @@ class WandbLogger:
             picture = self._wandb.Image(source, caption=caption)
         self._log(where, {name: picture}, step)
 
+    def log_table(
+        self,
+        name: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        step: int | None = None,
+    ) -> None:
+        """Log a plain table of numbers and strings (detection curves, ...).
+
+        Args:
+            name: The metric key, e.g. "debug/retrain".
+            columns: Column names.
+            rows: One sequence of ``len(columns)`` values per row.
+            step: The training step; default the last logged step.
+
+        Raises:
+            ValueError: If a row's length differs from the number of columns.
+        """
+        where = "WandbLogger.log_table"
+        check_key(where, name)
+        if step is not None:
+            step = to_step(where, step)
+        columns, rows = list(columns), [list(row) for row in rows]
+        bad = next((r for r in rows if len(r) != len(columns)), None)
+        if bad is not None:
+            raise ValueError(
+                f"{where}: expected {len(columns)} values per row for columns "
+                f"{columns}, got a row of {len(bad)}: {bad!r}."
+            )
+        if not self._active(where):
+            return
+        with self._scoped_env():
+            table = self._wandb.Table(columns=columns, data=rows)
+        self._log(where, {name: table}, step)
+
     def summary(self, values: Mapping[str, Any]) -> None:
         """Set run-level results (final accuracy, detection precision, ...).
 

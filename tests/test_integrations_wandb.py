@@ -517,3 +517,14 @@ def test_rank_samples_orders_by_sign_and_accepts_rows():
     from_rows = rank_samples("test", rows, None, None, None, 3)
     assert [r.index for r in from_rows[0]] == [13, 10, 15]
     assert [r.label for r in from_rows[1]] == [4, 1]
+
+
+def test_log_table_checks_row_lengths(tmp_path):
+    logger = WandbLogger(tmp_path / "off", mode="disabled")
+    logger.log_table("debug/retrain", ["method", "test_accuracy"], [["none", 0.9]])
+    with pytest.raises(
+        ValueError, match=r"expected 2 values per row .* got a row of 1"
+    ):
+        logger.log_table("debug/retrain", ["method", "test_accuracy"], [["none"]])
+    logger.finish()
+    assert not (tmp_path / "off").exists()

@@ -561,15 +561,8 @@ def _plot_detection(path: Path, curves, aucs):
 
 def _log_table(logger, key: str, columns, rows):
     """Logs a W&B table (offline: into the run file)."""
-    if not logger.enabled:
-        return
     rows = [list(r) for r in (rows.items() if isinstance(rows, dict) else rows)]
-    import wandb
-
-    # TODO(integrations): WandbLogger has no public table method; this uses
-    # its folder scoping directly.
-    with logger._scoped_env():
-        logger.run.log({key: wandb.Table(columns=list(columns), data=rows)})
+    logger.log_table(key, columns, rows)
 
 
 def _flat_metrics(summary: dict) -> dict:
