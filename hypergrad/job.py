@@ -43,14 +43,15 @@ from hypergrad.jobsetup import (  # noqa: F401 - re-exported for the CLI
 def peak_factor(mode: str, scalar_linear: bool) -> float:
     """Peak memory of a step over the tangent state, as measured on LeNet-5.
 
-    A step keeps the old tangents while it builds the new ones (and, chunk by
-    chunk, pieces of them): about 3.5x in exact mode, 5x in both mode and in
-    the general approx path; the closed form of approx mode updates in place
-    (1.1x). See benchmarks/README.md.
+    A step keeps the old tangents while it writes the new ones, plus one
+    chunk's working memory: 2.6x measured in exact mode at K = 1,000 (3.0 is
+    used); both mode and the general approx path were 4.6x and 5x before the
+    new tangents were written in place (5 is used); the closed form of approx
+    mode updates in place (1.1x). See benchmarks/README.md.
     """
     if mode == "approx":
         return 1.1 if scalar_linear else 5.0
-    return 3.5 if mode == "exact" else 5.0
+    return 3.0 if mode == "exact" else 5.0
 
 
 def resolve_device(name: str) -> torch.device:

@@ -236,44 +236,35 @@ class Tracker:
         return float(losses.mean())
 
     def _exact(self, batch, floats, sample_weights, rng):
-        params = self.params
-        t_params, t_buffers, t_slots = self._tangents["exact"]
-        primals = (params, floats, self.state.slots)
-        pieces, new_primal = [], None
-        for chunk in torch.arange(len(self.tracked)).split(self.chunk_size):
-            tangents = (
-                _take(t_params, chunk),
-                _take(t_buffers, chunk),
-                {s: _take(tree, chunk) for s, tree in t_slots.items()},
-                sample_weights[chunk.to(self.device)],
-            )
+        old = self._tangents["exact"]
+        primals = (self.params, floats, self.state.slots)
+        new, new_primal = _empty_like(old), None
+        for rows in _chunks(len(self.tracked), self.chunk_size):
+            tangents = (*_rows(old, rows), sample_weights[rows])
             with rng.replay():
                 out = exact_tangents(
                     self.fmodel, self.loss_fn, self.rule, batch, primals, tangents
                 )
             if new_primal is None:
                 new_primal, _, new_buffers, losses = out
-            pieces.append(out[1])
-        return new_primal, _concat(pieces), new_buffers, losses
+            _write_rows(new, rows, out[1])
+        return new_primal, new, new_buffers, losses
 
     def _approx(self, count, lr, grads, in_batch, injections):
-        t_params, _, t_slots = self._tangents["approx"]
+        old = self._tangents["approx"]
         primals = (self.params, grads, self.state.slots)
-        t_grads = {
-            n: g.new_zeros((len(self.tracked), *g.shape)) for n, g in grads.items()
-        }
-        for n, rows in injections.items():
-            t_grads[n][in_batch] = rows
-        pieces = []
-        for chunk in torch.arange(len(self.tracked)).split(self.chunk_size * 64):
-            tangents = (
-                _take(t_params, chunk),
-                _take(t_grads, chunk),
-                {s: _take(tree, chunk) for s, tree in t_slots.items()},
-            )
+        new = _empty_like(old)
+        for rows in _chunks(len(self.tracked), self.chunk_size * 64):
+            t_params, _, t_slots = _rows(old, rows)
+            size = rows.stop - rows.start
+            t_grads = {n: g.new_zeros((size, *g.shape)) for n, g in grads.items()}
+            here = (in_batch >= rows.start) & (in_batch < rows.stop)
+            for n, injected in injections.items():
+                t_grads[n][in_batch[here] - rows.start] = injected[here]
+            tangents = (t_params, t_grads, t_slots)
             d_params, d_slots = rule_tangents(self.rule, count, lr, primals, tangents)
-            pieces.append((d_params, {}, d_slots))
-        return _concat(pieces)
+            _write_rows(new, rows, (d_params, {}, d_slots))
+        return new
 
     # ---------------------------------------------------------------- results
 
@@ -411,22 +402,48 @@ def _check_finite(named: dict[str, Tensor], where: str):
     )
 
 
-def _take(tree: Params, rows: Tensor) -> Params:
-    return {n: t[rows.to(t.device)] for n, t in tree.items()}
+def _chunks(total: int, size: int):
+    """Consecutive slices of ``range(total)`` of at most ``size`` rows."""
+    return [slice(a, min(a + size, total)) for a in range(0, total, size)]
+
+
+def _rows(tangents, rows: slice):
+    """Views of rows ``rows`` of a ``(params, buffers, slots)`` tangent set."""
+    params, buffers, slots = tangents
+    return (
+        {n: t[rows] for n, t in params.items()},
+        {n: t[rows] for n, t in buffers.items()},
+        {s: {n: t[rows] for n, t in tree.items()} for s, tree in slots.items()},
+    )
+
+
+def _empty_like(tangents):
+    """Uninitialised storage for a tangent set of the same shapes."""
+    params, buffers, slots = tangents
+    return (
+        {n: torch.empty_like(t) for n, t in params.items()},
+        {n: torch.empty_like(t) for n, t in buffers.items()},
+        {
+            s: {n: torch.empty_like(t) for n, t in tree.items()}
+            for s, tree in slots.items()
+        },
+    )
+
+
+def _write_rows(tangents, rows: slice, piece):
+    """Copies a chunk's new tangents into rows ``rows`` of a tangent set."""
+    for into, source in zip(_flat_trees(tangents), _flat_trees(piece), strict=True):
+        for name, t in source.items():
+            into[name][rows] = t
+
+
+def _flat_trees(tangents):
+    params, buffers, slots = tangents
+    return [params, buffers, *(slots[s] for s in sorted(slots))]
 
 
 def _detach(slots: dict[str, Params]) -> dict[str, Params]:
     return {s: {n: t.detach() for n, t in tree.items()} for s, tree in slots.items()}
-
-
-def _concat(pieces):
-    def cat(trees):
-        return {n: torch.cat([t[n] for t in trees]).detach() for n in trees[0]}
-
-    params = cat([p[0] for p in pieces])
-    buffers = cat([p[1] for p in pieces]) if pieces[0][1] else {}
-    slots = {s: cat([p[2][s] for p in pieces]) for s in pieces[0][2]}
-    return params, buffers, slots
 
 
 def _flatten(tree: Params) -> Tensor:
