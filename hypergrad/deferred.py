@@ -119,12 +119,17 @@ class DeferredTangents:
         self._record(matrix)
         if rows.numel() == 0:
             return
-        current = self._catch_up(rows, self.step)
         inject = torch.as_tensor(
             inject, dtype=self.state.dtype, device=self.state.device
         )
-        self.state[rows] = current + inject[None, :, None] * injections[:, None, :]
-        self.last[rows.cpu().numpy()] = self.step
+        # Row by row, in place: z <- A z + c g, no gather or scatter of (k, P).
+        for r, g in zip(rows.tolist(), injections, strict=True):
+            product = self._product(int(self.last[r]) + 1, self.step)
+            product = torch.as_tensor(product, dtype=self.state.dtype)
+            z = self.state[r]  # (1 + m, P), a view
+            torch.mm(product.to(z.device), z.clone(), out=z)
+            z.addr_(inject, g)
+            self.last[r] = self.step
 
     def materialize(self) -> Tensor:
         """Brings every sample up to date; returns the ``(K, 1 + m, P)`` state."""
