@@ -161,13 +161,13 @@ def batch_gradients(
         outputs, new_buffers = fmodel(p, buffers, inputs, train=True)
         return per_sample_losses(loss_fn, outputs, targets), new_buffers
 
-    rng = _rng_snapshot(batch.inputs.device)
+    rng = _RngSnapshot(batch.inputs.device)
     losses, vjp_fn, new_buffers = vjp(
         lambda p: losses_of(p, batch.inputs, batch.targets), params, has_aux=True
     )
     rows = losses.shape[0]
     row_weights = row_weights.to(losses.dtype)
-    if rows_independent and rng == _rng_snapshot(batch.inputs.device):
+    if rows_independent and rng == _RngSnapshot(batch.inputs.device):
         (grads,) = vjp_fn(losses.new_full((rows,), 1.0 / rows))
         needed = row_weights.any(dim=0).nonzero().squeeze(1)
         if needed.numel() == 0:  # no tracked sample in this batch
@@ -193,7 +193,7 @@ def batch_gradients(
     return grads, row_grads, new_buffers, losses.detach()
 
 
-class _rng_snapshot:
+class _RngSnapshot:
     """The random generators' states, comparable with ``==``."""
 
     def __init__(self, device: torch.device):
