@@ -7,15 +7,14 @@ folder inside pytest's temporary directory.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
+from helpers_experiments import quiet_home, run_command
 
 from hypergrad.experiments import approx_error
 from hypergrad.jobsetup import JobError
@@ -31,23 +30,13 @@ SMALL = [
 
 
 def command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hypergrad")
-    approx_error.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["approx-error", *argv])
-    return args.func(args)
+    return run_command(approx_error, "approx-error", argv)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_home(tmp_path_factory):
+def quiet(tmp_path_factory):
     """HOME, XDG and matplotlib folders in a temporary folder; W&B offline."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("WANDB_")]:
-            patch.delenv(name)
-        patch.setenv("HOME", str(home))
-        for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
-            patch.setenv(name, str(home / name.lower()))
-        patch.setenv("MPLCONFIGDIR", str(home / "mpl"))
+    with quiet_home(tmp_path_factory.mktemp("home")) as home:
         yield home
 
 

@@ -7,16 +7,15 @@ runs with W&B offline, every folder inside pytest's temporary directory.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_experiments import quiet_home, run_command
 
 import hypergrad as hg
 from hypergrad import cli
@@ -29,23 +28,13 @@ TEST_SIZE, TOP, PER = 100, 5, 3
 
 
 def command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hypergrad")
-    explain.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["explain", *argv])
-    return args.func(args)
+    return run_command(explain, "explain", argv)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_home(tmp_path_factory):
+def quiet(tmp_path_factory):
     """HOME, XDG and matplotlib folders in a temporary folder; W&B offline."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("WANDB_")]:
-            patch.delenv(name)
-        patch.setenv("HOME", str(home))
-        for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
-            patch.setenv(name, str(home / name.lower()))
-        patch.setenv("MPLCONFIGDIR", str(home / "mpl"))
+    with quiet_home(tmp_path_factory.mktemp("home")) as home:
         yield home
 
 
